@@ -1,0 +1,21 @@
+"""gunicorn settings: `gunicorn app:app` reads this file from the working directory."""
+
+import os
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '3013')}"
+# One worker per core plus one: the database serialises writes, more workers only cost memory.
+workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
+# Longer than the SQLite busy timeout, so a worker waiting on the lock answers 503 before it is killed.
+timeout = 30
+graceful_timeout = 10
+# No access log unless asked (ACCESS_LOG=1): runners heartbeat on every tool call. The format
+# leaves out %(u)s and headers, so no credential is ever written.
+accesslog = "-" if os.environ.get("ACCESS_LOG", "").lower() in ("1", "true") else None
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+
+
+def on_starting(server):
+    """Start-up work once, in the master before any worker forks: key and schema."""
+    import app as service
+
+    service.prepare(service.app)

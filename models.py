@@ -1,0 +1,192 @@
+"""Database tables, the engine set-up per backend, timestamps and the one field list per object."""
+
+import json
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import Index, Integer, String, Text, event, insert, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    """Declarative base shared by every table."""
+
+
+db = SQLAlchemy(model_class=Base)
+
+# Ids and timestamps are compared and ordered as text; PostgreSQL must order them byte-wise
+# like SQLite does, whatever the database's locale, so text order stays time order.
+Key = Text().with_variant(Text(collation="C"), "postgresql")
+Stamp = String(24).with_variant(String(24, collation="C"), "postgresql")
+
+TERMINAL = ("completed", "failed", "cancelled")
+STATUSES = ("unassigned", "pending", "in_progress", "paused") + TERMINAL
+
+
+def stamp(moment=None):
+    """Return a UTC time as YYYY-MM-DDTHH:MM:SS.mmmZ, the one shape every timestamp has."""
+    moment = moment or datetime.now(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def new_id():
+    """Return a fresh UUID v4 as text."""
+    return str(uuid.uuid4())
+
+
+class ActiveSession(Base):
+    """A runner working on something right now."""
+
+    __tablename__ = "active_sessions"
+    id: Mapped[str] = mapped_column(Key, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(Key, index=True)
+    # UNIQUE decides duplicates: two creates racing for one taskId cannot both insert.
+    task_id: Mapped[str | None] = mapped_column(Key, unique=True)
+    trigger_type: Mapped[str] = mapped_column(Text)
+    inbox_message_id: Mapped[str | None] = mapped_column(Key)
+    task_description: Mapped[str | None] = mapped_column(Text)
+    runner_session_id: Mapped[str | None] = mapped_column(Key)
+    provider_session_id: Mapped[str | None] = mapped_column(Key)
+    runtime_instance_id: Mapped[str | None] = mapped_column(Key)
+    started_at: Mapped[str] = mapped_column(Stamp)
+    last_heartbeat_at: Mapped[str] = mapped_column(Stamp, index=True)
+    __table_args__ = (Index("ix_active_sessions_order", started_at.desc(), id),)
+
+
+class Task(Base):
+    """A unit of work an agent claims, runs and finishes."""
+
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(Key, primary_key=True)
+    agent_id: Mapped[str | None] = mapped_column(Key, index=True)
+    task: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer)
+    progress: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(Text)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    claude_session_id: Mapped[str | None] = mapped_column(Key)
+    created_at: Mapped[str] = mapped_column(Stamp)
+    last_updated_at: Mapped[str] = mapped_column(Stamp)
+    finished_at: Mapped[str | None] = mapped_column(Stamp)
+    __table_args__ = (Index("ix_tasks_order", created_at, id),)
+
+
+class TaskLog(Base):
+    """One event in a task's history; seq keeps insertion order within a millisecond."""
+
+    __tablename__ = "task_logs"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(Key, unique=True)
+    event_type: Mapped[str] = mapped_column(Text)
+    agent_id: Mapped[str | None] = mapped_column(Key)
+    task_id: Mapped[str] = mapped_column(Key, index=True)
+    old_value: Mapped[str | None] = mapped_column(Text)
+    new_value: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[str | None] = mapped_column("metadata", Text)
+    created_at: Mapped[str] = mapped_column(Stamp)
+
+
+# One definition of each object's JSON fields, in answer order: (JSON name, column).
+SESSION_FIELDS = tuple(
+    zip(
+        ("id", "agentId", "taskId", "triggerType", "inboxMessageId", "taskDescription",
+         "runnerSessionId", "providerSessionId", "runtimeInstanceId", "startedAt", "lastHeartbeatAt"),
+        (ActiveSession.__table__.c[name] for name in (
+            "id", "agent_id", "task_id", "trigger_type", "inbox_message_id", "task_description",
+            "runner_session_id", "provider_session_id", "runtime_instance_id", "started_at",
+            "last_heartbeat_at")),
+    )
+)
+TASK_FIELDS = tuple(
+    zip(
+        ("id", "agentId", "task", "status", "priority", "progress", "output", "failureReason",
+         "claudeSessionId", "createdAt", "lastUpdatedAt", "finishedAt"),
+        (Task.__table__.c[name] for name in (
+            "id", "agent_id", "task", "status", "priority", "progress", "output", "failure_reason",
+            "claude_session_id", "created_at", "last_updated_at", "finished_at")),
+    )
+)
+LOG_FIELDS = tuple(
+    zip(
+        ("id", "eventType", "agentId", "taskId", "oldValue", "newValue", "metadata", "createdAt"),
+        (TaskLog.__table__.c[name] for name in (
+            "id", "event_type", "agent_id", "task_id", "old_value", "new_value", "metadata",
+            "created_at")),
+    )
+)
+SESSION_COLUMNS = tuple(column for _, column in SESSION_FIELDS)
+TASK_COLUMNS = tuple(column for _, column in TASK_FIELDS)
+LOG_COLUMNS = tuple(column for _, column in LOG_FIELDS)
+SESSION_KEYS = tuple(name for name, _ in SESSION_FIELDS)
+TASK_KEYS = tuple(name for name, _ in TASK_FIELDS)
+LOG_KEYS = tuple(name for name, _ in LOG_FIELDS)
+
+
+def as_dicts(keys, rows):
+    """Turn rows selected in field-list order into JSON-ready dicts (the fast path for lists)."""
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def column_values(fields, obj):
+    """Map a JSON-shaped dict onto column names, for inserts."""
+    return {column.name: obj[name] for name, column in fields}
+
+
+def status_log(task_id, agent_id, old, new, now, meta=None):
+    """The INSERT of one task_status_change entry in a task's log."""
+    return insert(TaskLog.__table__).values(
+        id=new_id(), event_type="task_status_change", agent_id=agent_id, task_id=task_id,
+        old_value=old, new_value=new, metadata=json.dumps(meta) if meta is not None else None,
+        created_at=now,
+    )
+
+
+@contextmanager
+def transaction(write=False):
+    """Yield a connection inside one transaction; write=True takes SQLite's write lock up front.
+
+    A read followed by a write in a deferred SQLite transaction fails at once with
+    "database is locked" when another writer got in between; BEGIN IMMEDIATE waits instead.
+    """
+    with db.engine.connect() as conn:
+        if write:
+            conn.execution_options(immediate=True)
+        with conn.begin():
+            yield conn
+
+
+def _sqlite_connect(dbapi_conn, _record, busy_ms):
+    """Set up every new SQLite connection: our own BEGINs, WAL, busy timeout, foreign keys."""
+    dbapi_conn.isolation_level = None  # pysqlite's implicit BEGIN is replaced by _sqlite_begin
+    cursor = dbapi_conn.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    # With WAL, NORMAL survives any process crash; only power loss may drop the last commits.
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_begin(conn):
+    """Start each SQLite transaction ourselves, IMMEDIATE when the caller will write."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+
+def configure_engine(engine, busy_ms):
+    """Install the per-connection settings a backend needs on a fresh engine."""
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", lambda c, r: _sqlite_connect(c, r, busy_ms))
+        event.listen(engine, "begin", _sqlite_begin)
+
+
+def create_schema():
+    """Create missing tables; safe when several processes do it at once on an empty database."""
+    engine = db.engine
+    with transaction(write=True) as conn:
+        if engine.dialect.name == "postgresql":
+            # Serialise concurrent creators; released when this transaction ends.
+            conn.execute(text("SELECT pg_advisory_xact_lock(72616001)"))
+        Base.metadata.create_all(conn)
