@@ -14,6 +14,7 @@ import sessions
 import tasks
 from auth import configured_key, ensure_key, require_key, stored_key
 from models import configure_engine, create_schema, db
+from sweep import start_sweeper
 
 VERSION = "0.1.0"
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def settings(instance_path, env=os.environ):
         "MULTI_RUNTIME_ENABLED": _flag(env.get("MULTI_RUNTIME_ENABLED")),
         "MAX_CONTENT_LENGTH": int(env.get("MAX_BODY_BYTES") or 1024 * 1024),
         "SQLITE_BUSY_TIMEOUT_MS": int(env.get("SQLITE_BUSY_TIMEOUT_MS") or 5000),
+        "SESSION_TTL_MINUTES": float(env.get("SESSION_TTL_MINUTES") or 30),
+        "SWEEP_INTERVAL_SECONDS": float(env.get("SWEEP_INTERVAL_SECONDS") or 90),
+        "HISTORY_DAYS": float(env.get("HISTORY_DAYS") or 7),
     }
 
 
@@ -153,4 +157,5 @@ app = create_app()
 
 if __name__ == "__main__":
     prepare(app)
+    start_sweeper(app)
     app.run(host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "3013")), threaded=True)

@@ -19,3 +19,11 @@ def on_starting(server):
     import app as service
 
     service.prepare(service.app)
+
+
+def post_worker_init(worker):
+    """Each worker runs its own expiry sweeper thread, started after the fork."""
+    import app as service
+    from sweep import start_sweeper
+
+    start_sweeper(service.app)

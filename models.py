@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Index, Integer, String, Text, event, insert, text
+from sqlalchemy import Index, Integer, String, Text, delete, event, func, insert, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -55,6 +55,27 @@ class ActiveSession(Base):
     __table_args__ = (Index("ix_active_sessions_order", started_at.desc(), id),)
 
 
+class SessionHistory(Base):
+    """A session that ended: its 11 fields plus when and why."""
+
+    __tablename__ = "session_history"
+    # The ended session's own id: a session can end only once, so two sweepers cannot both record it.
+    id: Mapped[str] = mapped_column(Key, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(Key, index=True)
+    task_id: Mapped[str | None] = mapped_column(Key, index=True)
+    trigger_type: Mapped[str] = mapped_column(Text)
+    inbox_message_id: Mapped[str | None] = mapped_column(Key)
+    task_description: Mapped[str | None] = mapped_column(Text)
+    runner_session_id: Mapped[str | None] = mapped_column(Key)
+    provider_session_id: Mapped[str | None] = mapped_column(Key)
+    runtime_instance_id: Mapped[str | None] = mapped_column(Key)
+    started_at: Mapped[str] = mapped_column(Stamp)
+    last_heartbeat_at: Mapped[str] = mapped_column(Stamp)
+    ended_at: Mapped[str] = mapped_column(Stamp)
+    end_reason: Mapped[str] = mapped_column(String(32))
+    __table_args__ = (Index("ix_session_history_order", ended_at.desc(), id),)
+
+
 class Task(Base):
     """A unit of work an agent claims, runs and finishes."""
 
@@ -100,6 +121,9 @@ SESSION_FIELDS = tuple(
             "last_heartbeat_at")),
     )
 )
+HISTORY_FIELDS = tuple(
+    (name, SessionHistory.__table__.c[column.name]) for name, column in SESSION_FIELDS
+) + (("endedAt", SessionHistory.__table__.c.ended_at), ("endReason", SessionHistory.__table__.c.end_reason))
 TASK_FIELDS = tuple(
     zip(
         ("id", "agentId", "task", "status", "priority", "progress", "output", "failureReason",
@@ -120,7 +144,9 @@ LOG_FIELDS = tuple(
 SESSION_COLUMNS = tuple(column for _, column in SESSION_FIELDS)
 TASK_COLUMNS = tuple(column for _, column in TASK_FIELDS)
 LOG_COLUMNS = tuple(column for _, column in LOG_FIELDS)
+HISTORY_COLUMNS = tuple(column for _, column in HISTORY_FIELDS)
 SESSION_KEYS = tuple(name for name, _ in SESSION_FIELDS)
+HISTORY_KEYS = tuple(name for name, _ in HISTORY_FIELDS)
 TASK_KEYS = tuple(name for name, _ in TASK_FIELDS)
 LOG_KEYS = tuple(name for name, _ in LOG_FIELDS)
 
@@ -130,9 +156,33 @@ def as_dicts(keys, rows):
     return [dict(zip(keys, row)) for row in rows]
 
 
+def select_page(conn, keys, stmt, where, limit, offset):
+    """Run a listing with filters and paging; return (rows as dicts, total matches)."""
+    items = as_dicts(keys, conn.execute(stmt.where(*where).limit(limit).offset(offset)))
+    table = stmt.get_final_froms()[0]
+    total = conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+    return items, total
+
+
 def column_values(fields, obj):
     """Map a JSON-shaped dict onto column names, for inserts."""
     return {column.name: obj[name] for name, column in fields}
+
+
+def end_sessions(conn, where, reason, now):
+    """Delete the sessions matching where and record each in history, in the caller's transaction.
+
+    DELETE ... RETURNING decides which rows this call ended: a concurrent call that deletes
+    the same row gets nothing back, so no session is recorded twice.
+    """
+    active = ActiveSession.__table__
+    ended = conn.execute(delete(active).where(where).returning(*SESSION_COLUMNS)).all()
+    if ended:
+        names = [column.name for column in SESSION_COLUMNS]
+        conn.execute(insert(SessionHistory.__table__), [
+            {**dict(zip(names, row)), "ended_at": now, "end_reason": reason} for row in ended
+        ])
+    return len(ended)
 
 
 def status_log(task_id, agent_id, old, new, now, meta=None):
@@ -182,11 +232,45 @@ def configure_engine(engine, busy_ms):
         event.listen(engine, "begin", _sqlite_begin)
 
 
+class SchemaVersion(Base):
+    """Which step of MIGRATIONS the database has reached (one row)."""
+
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+def _create(*models):
+    """A migration step that creates tables as their models define them."""
+    return lambda conn: Base.metadata.create_all(conn, tables=[m.__table__ for m in models])
+
+
+# Append only: step N brings a database from version N-1 to N. A step that changes an
+# existing table must spell out its DDL rather than rely on the model's current shape.
+MIGRATIONS = (
+    _create(ActiveSession, Task, TaskLog),  # 1: the first release
+    _create(SessionHistory),  # 2: ended sessions
+)
+
+
+def _version(conn):
+    """The schema version; a database with tables but no version table is the first release."""
+    tables = inspect(conn)
+    if tables.has_table(SchemaVersion.__tablename__):
+        return conn.execute(select(SchemaVersion.version)).scalar() or 0
+    return 1 if tables.has_table(ActiveSession.__tablename__) else 0
+
+
 def create_schema():
-    """Create missing tables; safe when several processes do it at once on an empty database."""
-    engine = db.engine
+    """Create or upgrade the schema in place; safe when several processes start at once."""
     with transaction(write=True) as conn:
-        if engine.dialect.name == "postgresql":
-            # Serialise concurrent creators; released when this transaction ends.
+        if conn.dialect.name == "postgresql":
+            # Serialise concurrent upgraders; released when this transaction ends.
             conn.execute(text("SELECT pg_advisory_xact_lock(72616001)"))
-        Base.metadata.create_all(conn)
+        # On SQLite, BEGIN IMMEDIATE already made this the only writer.
+        current = _version(conn)
+        for step in MIGRATIONS[current:]:
+            step(conn)
+        if current < len(MIGRATIONS):
+            SchemaVersion.__table__.create(conn, checkfirst=True)
+            conn.execute(delete(SchemaVersion))
+            conn.execute(insert(SchemaVersion).values(version=len(MIGRATIONS)))

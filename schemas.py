@@ -147,6 +147,13 @@ class SessionListQuery(PagingQuery):
     triggerType = Text(1, 256)
 
 
+class HistoryQuery(PagingQuery):
+    """GET /api/active-sessions/history filters."""
+
+    agentId = Id()
+    taskId = Id()
+
+
 class TaskCreateSchema(Body):
     """POST /api/tasks."""
 
@@ -199,6 +206,7 @@ provider_session_schema = ProviderSessionSchema()
 cleanup_schema = CleanupSchema()
 recover_schema = RecoverSchema()
 session_list_query = SessionListQuery()
+history_query = HistoryQuery()
 task_create_schema = TaskCreateSchema()
 task_list_query = TaskListQuery()
 task_progress_schema = TaskProgressSchema()
@@ -207,14 +215,14 @@ task_finish_schema = TaskFinishSchema()
 
 
 def _too_deep(value):
-    """Tell whether JSON nests deeper than MAX_DEPTH, without recursion."""
+    """Tell whether JSON nests objects/arrays more than MAX_DEPTH levels deep, without recursion."""
     stack = [(value, 1)]
     while stack:
         value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        if children and depth >= MAX_DEPTH:
-            return True
-        stack.extend((child, depth + 1) for child in children)
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                return True
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
     return False
 
 
@@ -235,17 +243,15 @@ def read_json():
         raise BadRequest("Malformed JSON body") from None
     if _too_deep(value):
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(value, dict):  # also a JSON null: only an empty body is "no body"
+        raise BadRequest("Request body must be a JSON object")
     return value
 
 
 def load_body(schema):
     """Validate the JSON body against a schema; no body means every field takes its default."""
     value = read_json()
-    if value is None:
-        value = {}
-    elif not isinstance(value, dict):
-        raise BadRequest("Request body must be a JSON object")
-    return schema.load(value)
+    return schema.load({} if value is None else value)
 
 
 def load_query(schema):

@@ -3,23 +3,25 @@
 from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, current_app
-from sqlalchemy import and_, case, delete, exists, func, insert, select, update
+from sqlalchemy import and_, case, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import Forbidden, NotFound
 
 from auth import caller_agent, check_owner
 from models import (
-    SESSION_COLUMNS, SESSION_FIELDS, SESSION_KEYS, TASK_COLUMNS, TASK_KEYS, ActiveSession, Task,
-    as_dicts, column_values, new_id, stamp, status_log, transaction,
+    HISTORY_COLUMNS, HISTORY_KEYS, SESSION_COLUMNS, SESSION_FIELDS, SESSION_KEYS, TASK_COLUMNS,
+    TASK_KEYS, ActiveSession, SessionHistory, Task, as_dicts, column_values, end_sessions, new_id,
+    select_page, stamp, status_log, transaction,
 )
 from schemas import (
-    cleanup_schema, is_id, load_body, load_query, provider_session_schema, read_json, recover_schema,
+    cleanup_schema, history_query, is_id, load_body, load_query, provider_session_schema, read_json, recover_schema,
     session_create_schema, session_list_query,
 )
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/active-sessions")
 S = ActiveSession.__table__
 T = Task.__table__
+H = SessionHistory.__table__
 RECOVER_FORBIDDEN = "Can only recover orphaned tasks for the calling agent"
 OWNER_FORBIDDEN = "X-Agent-ID names another agent than the session's"
 
@@ -30,8 +32,8 @@ def _find(conn, where):
     return dict(zip(SESSION_KEYS, row)) if row else None
 
 
-def _change(stmt, where):
-    """Run an UPDATE or DELETE on the session matching where, honouring X-Agent-ID.
+def _change(action, where):
+    """Apply action(conn, where) -> rows touched to the session matching where, honouring X-Agent-ID.
 
     One write statement in the common case; only when it touched nothing does a read
     tell "not yours" (403, nothing changed) from "not there" (False).
@@ -39,11 +41,21 @@ def _change(stmt, where):
     caller = caller_agent()
     with transaction(write=True) as conn:
         owned = where if caller is None else and_(where, S.c.agent_id == caller)
-        if conn.execute(stmt.where(owned)).rowcount:
+        if action(conn, owned):
             return True
         if caller is not None and conn.execute(select(S.c.id).where(where)).first():
             raise Forbidden(OWNER_FORBIDDEN)
         return False
+
+
+def _updater(**values):
+    """An action for _change that sets values on the matched session."""
+    return lambda conn, where: conn.execute(update(S).where(where).values(**values)).rowcount
+
+
+def _ender(reason):
+    """An action for _change that ends the matched session, recording it in history."""
+    return lambda conn, where: end_sessions(conn, where, reason, stamp())
 
 
 def _by_task(task_id):
@@ -51,22 +63,34 @@ def _by_task(task_id):
     return S.c.task_id == task_id if is_id(task_id) else None
 
 
+def _filters(table, query, names):
+    """Equality filters for the query keys present, by JSON name."""
+    columns = dict((name, column) for name, column in SESSION_FIELDS)
+    return [table.c[columns[name].name] == query[name] for name in names if name in query]
+
+
 @bp.get("")
 def list_sessions():
     """List sessions, newest startedAt first; filters and paging are optional."""
     query = load_query(session_list_query)
-    where = [S.c[column] == query[key] for key, column in (
-        ("agentId", "agent_id"), ("taskId", "task_id"), ("runtimeInstanceId", "runtime_instance_id"),
-        ("triggerType", "trigger_type")) if key in query]
-    stmt = select(*SESSION_COLUMNS).where(*where).order_by(S.c.started_at.desc(), S.c.id)
-    paged = "limit" in query or "offset" in query
-    if paged:
-        stmt = stmt.limit(query.get("limit", 1000)).offset(query.get("offset", 0))
+    where = _filters(S, query, ("agentId", "taskId", "runtimeInstanceId", "triggerType"))
+    stmt = select(*SESSION_COLUMNS).order_by(S.c.started_at.desc(), S.c.id)
     with transaction() as conn:
-        sessions = as_dicts(SESSION_KEYS, conn.execute(stmt))
-        if not paged:
-            return {"sessions": sessions}
-        total = conn.execute(select(func.count()).select_from(S).where(*where)).scalar_one()
+        if "limit" not in query and "offset" not in query:
+            return {"sessions": as_dicts(SESSION_KEYS, conn.execute(stmt.where(*where)))}
+        sessions, total = select_page(conn, SESSION_KEYS, stmt, where, query.get("limit", 1000),
+                                      query.get("offset", 0))
+    return {"sessions": sessions, "total": total}
+
+
+@bp.get("/history")
+def list_history():
+    """Ended sessions, newest endedAt first, with filters and paging."""
+    query = load_query(history_query)
+    stmt = select(*HISTORY_COLUMNS).order_by(H.c.ended_at.desc(), H.c.id)
+    with transaction() as conn:
+        sessions, total = select_page(conn, HISTORY_KEYS, stmt, _filters(H, query, ("agentId", "taskId")),
+                                      query.get("limit", 100), query.get("offset", 0))
     return {"sessions": sessions, "total": total}
 
 
@@ -104,7 +128,7 @@ def create_session():
 def delete_session(session_id):
     """End a session by its id."""
     read_json()
-    deleted = is_id(session_id) and _change(delete(S), S.c.id == session_id)
+    deleted = is_id(session_id) and _change(_ender("deleted"), S.c.id == session_id)
     return {"deleted": deleted}
 
 
@@ -113,7 +137,7 @@ def delete_session_by_task(task_id):
     """End the session that holds a taskId."""
     read_json()
     where = _by_task(task_id)
-    return {"deleted": where is not None and _change(delete(S), where)}
+    return {"deleted": where is not None and _change(_ender("deleted_by_task"), where)}
 
 
 @bp.put("/heartbeat/<task_id>")
@@ -125,7 +149,7 @@ def heartbeat(task_id):
         return {"updated": False}
     now = stamp()
     later = case((S.c.last_heartbeat_at < now, now), else_=S.c.last_heartbeat_at)
-    return {"updated": _change(update(S).values(last_heartbeat_at=later), where)}
+    return {"updated": _change(_updater(last_heartbeat_at=later), where)}
 
 
 @bp.put("/provider-session/<task_id>")
@@ -133,8 +157,8 @@ def set_provider_session(task_id):
     """Record the LLM provider's session id on a task's session."""
     data = load_body(provider_session_schema)
     where = _by_task(task_id)
-    stmt = update(S).values(provider_session_id=data["providerSessionId"])
-    return {"updated": where is not None and _change(stmt, where)}
+    action = _updater(provider_session_id=data["providerSessionId"])
+    return {"updated": where is not None and _change(action, where)}
 
 
 @bp.post("/cleanup")
@@ -152,7 +176,7 @@ def cleanup_sessions():
         minutes = data.get("maxAgeMinutes", 30)
         where.append(S.c.last_heartbeat_at < stamp(datetime.now(timezone.utc) - timedelta(minutes=minutes)))
     with transaction(write=True) as conn:
-        cleaned = conn.execute(delete(S).where(*where)).rowcount
+        cleaned = end_sessions(conn, and_(*where), "cleanup" if agent is None else "agent_cleanup", stamp())
     return {"cleaned": cleaned}
 
 

@@ -3,13 +3,13 @@
 import json
 
 from flask import Blueprint
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from werkzeug.exceptions import BadRequest, Conflict, Forbidden, NotFound
 
 from auth import NOT_AN_ID, caller_agent, check_owner
 from models import (
     LOG_COLUMNS, LOG_KEYS, TASK_COLUMNS, TASK_FIELDS, TASK_KEYS, TERMINAL, Task, TaskLog, as_dicts,
-    column_values, new_id, stamp, status_log, transaction,
+    column_values, new_id, select_page, stamp, status_log, transaction,
 )
 from schemas import (
     is_id, load_body, load_query, read_json, task_create_schema, task_finish_schema, task_list_query,
@@ -101,11 +101,9 @@ def list_tasks():
         where.append(T.c.agent_id == query["agentId"])
     if "status" in query:
         where.append(T.c.status.in_(query["status"]))
-    stmt = (select(*TASK_COLUMNS).where(*where).order_by(T.c.created_at, T.c.id)
-            .limit(query.get("limit", 100)).offset(query.get("offset", 0)))
+    stmt = select(*TASK_COLUMNS).order_by(T.c.created_at, T.c.id)
     with transaction() as conn:
-        tasks = as_dicts(TASK_KEYS, conn.execute(stmt))
-        total = conn.execute(select(func.count()).select_from(T).where(*where)).scalar_one()
+        tasks, total = select_page(conn, TASK_KEYS, stmt, where, query.get("limit", 100), query.get("offset", 0))
     return {"tasks": tasks, "total": total}
 
 
