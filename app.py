@@ -4,7 +4,7 @@ import logging
 import os
 
 import orjson
-from flask import Flask
+from flask import Flask, current_app, request
 from flask.json.provider import JSONProvider
 from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -63,6 +63,7 @@ def settings(instance_path, env=os.environ):
         "SESSION_TTL_MINUTES": float(env.get("SESSION_TTL_MINUTES") or 30),
         "SWEEP_INTERVAL_SECONDS": float(env.get("SWEEP_INTERVAL_SECONDS") or 90),
         "HISTORY_DAYS": float(env.get("HISTORY_DAYS") or 7),
+        "CORS_ORIGINS": [o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()],
     }
 
 
@@ -73,6 +74,24 @@ def _database_url(url, instance_path):
     if url.startswith(("postgres://", "postgresql://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def cors(response):
+    """after_request: let configured origins (none by default) call the API from a browser.
+
+    The key travels in a header, never a cookie, so no credentials mode: an origin is only
+    ever echoed when it is on the list, and "*" stays a literal wildcard.
+    """
+    origin = request.headers.get("Origin")
+    allowed = current_app.config["CORS_ORIGINS"]
+    if origin and allowed and (origin in allowed or "*" in allowed):
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+        response.headers.add("Vary", "Origin")
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, PUT, DELETE"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Agent-ID"
+            response.headers["Access-Control-Max-Age"] = "600"
+    return response
 
 
 def _error(status, message, **extra):
@@ -123,6 +142,7 @@ def create_app(config=None):
     with app.app_context():
         configure_engine(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
     app.before_request(require_key)
+    app.after_request(cors)
     app.register_blueprint(sessions.bp)
     app.register_blueprint(tasks.bp)
     app.add_url_rule("/health", "health", lambda: {"status": "ok", "version": VERSION})
