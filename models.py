@@ -169,22 +169,6 @@ def column_values(fields, obj):
     return {column.name: obj[name] for name, column in fields}
 
 
-def end_sessions(conn, where, reason, now):
-    """Delete the sessions matching where and record each in history, in the caller's transaction.
-
-    DELETE ... RETURNING decides which rows this call ended: a concurrent call that deletes
-    the same row gets nothing back, so no session is recorded twice.
-    """
-    active = ActiveSession.__table__
-    ended = conn.execute(delete(active).where(where).returning(*SESSION_COLUMNS)).all()
-    if ended:
-        names = [column.name for column in SESSION_COLUMNS]
-        conn.execute(insert(SessionHistory.__table__), [
-            {**dict(zip(names, row)), "ended_at": now, "end_reason": reason} for row in ended
-        ])
-    return len(ended)
-
-
 def status_log(task_id, agent_id, old, new, now, meta=None):
     """The INSERT of one task_status_change entry in a task's log."""
     return insert(TaskLog.__table__).values(

@@ -6,13 +6,10 @@ import random
 import threading
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, select
-
-from models import ActiveSession, SessionHistory, end_sessions, stamp, transaction
+import store
+from models import stamp
 
 log = logging.getLogger(__name__)
-S = ActiveSession.__table__
-H = SessionHistory.__table__
 _started = {}  # pid -> sweeper thread: one per process, and a forked child starts its own
 _lock = threading.Lock()
 
@@ -20,17 +17,15 @@ _lock = threading.Lock()
 def sweep_once(ttl_minutes, history_days):
     """End every session silent for longer than the TTL, prune history; return how many ended."""
     moment = datetime.now(timezone.utc)
-    now = stamp(moment)
-    stale = S.c.last_heartbeat_at < stamp(moment - timedelta(minutes=ttl_minutes))
-    old = H.c.ended_at < stamp(moment - timedelta(days=history_days))
-    # A cheap indexed read first: an idle sweep never takes the write lock.
-    with transaction() as conn:
-        if not (conn.execute(select(S.c.id).where(stale).limit(1)).first()
-                or conn.execute(select(H.c.id).where(old).limit(1)).first()):
+    stale = stamp(moment - timedelta(minutes=ttl_minutes))
+    old = stamp(moment - timedelta(days=history_days))
+    # Indexed counts first: an idle sweep never takes the write lock.
+    with store.tx() as t:
+        if not (store.count(t, cutoff=stale) or store.old_history(t, old)):
             return 0
-    with transaction(write=True) as conn:
-        ended = end_sessions(conn, stale, "expired", now)
-        conn.execute(delete(H).where(old))
+    with store.tx(write=True) as t:
+        ended = store.end(t, "expired", stamp(moment), cutoff=stale)
+        store.prune_history(t, old)
     return ended
 
 

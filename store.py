@@ -1,0 +1,175 @@
+"""Active-session statements: built once in Core, compiled once per dialect, run on raw DBAPI cursors.
+
+Heartbeats, registrations, ends and listings are the hot paths; going through SQLAlchemy's
+per-execute machinery cost several times the database work itself. Statements are still
+written in Core (so both backends get correct SQL) and keyed by the shape of their filters.
+"""
+
+from contextlib import contextmanager
+
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
+
+from models import SESSION_COLUMNS, SESSION_KEYS, ActiveSession, SessionHistory, db
+
+S = ActiveSession.__table__
+H = SessionHistory.__table__
+_MATCH = {
+    "id": S.c.id == bindparam("id"),
+    "task_id": S.c.task_id == bindparam("task_id"),
+    "agent_id": S.c.agent_id == bindparam("agent_id"),
+    "runtime_instance_id": S.c.runtime_instance_id == bindparam("runtime_instance_id"),
+    "trigger_type": S.c.trigger_type == bindparam("trigger_type"),
+    "cutoff": S.c.last_heartbeat_at < bindparam("cutoff"),
+}
+_COMPILED = {}  # (statement key, dialect name) -> (sql, bind names in order, or None for named)
+
+
+def _where(names):
+    return [_MATCH[name] for name in names]
+
+
+def _shape(kind, match, extra=()):
+    """A statement key: what it does, on which filters; the filters in a fixed order."""
+    return (kind, tuple(sorted(match)), tuple(extra))
+
+
+_BUILD = {
+    "select": lambda names, _: select(*SESSION_COLUMNS).where(*_where(names)).order_by(
+        S.c.started_at.desc(), S.c.id),
+    "page": lambda names, _: select(*SESSION_COLUMNS).where(*_where(names)).order_by(
+        S.c.started_at.desc(), S.c.id).limit(bindparam("limit")).offset(bindparam("offset")),
+    "count": lambda names, _: select(func.count()).select_from(S).where(*_where(names)),
+    "insert": lambda names, _: insert(S).values({c.name: bindparam(c.name) for c in SESSION_COLUMNS}),
+    "set": lambda names, columns: update(S).where(*_where(names)).values(
+        {column: bindparam(f"new_{column}") for column in columns}),
+    # Never moves time backwards, even between app servers whose clocks differ.
+    "touch": lambda names, _: update(S).where(*_where(names)).values(last_heartbeat_at=case(
+        (S.c.last_heartbeat_at < bindparam("now"), bindparam("now")), else_=S.c.last_heartbeat_at)),
+    "end": lambda names, _: delete(S).where(*_where(names)).returning(*SESSION_COLUMNS),
+    "record": lambda names, _: insert(H).values({c.name: bindparam(c.name) for c in H.columns}),
+    "prune": lambda names, _: delete(H).where(H.c.ended_at < bindparam("cutoff")),
+    "count_old": lambda names, _: select(func.count()).select_from(H).where(H.c.ended_at < bindparam("cutoff")),
+}
+
+
+class Tx:
+    """One transaction on a raw DBAPI cursor."""
+
+    def __init__(self, cursor, dialect):
+        self.cursor = cursor
+        self.dialect = dialect
+
+    def run(self, shape, params, many=False):
+        """Execute the statement of this shape with params (a dict, or a list of dicts if many)."""
+        hit = _COMPILED.get((shape, self.dialect.name))
+        if hit is None:
+            compiled = _BUILD[shape[0]](shape[1], shape[2]).compile(dialect=self.dialect)
+            hit = (compiled.string, compiled.positiontup if compiled.positional else None)
+            _COMPILED[(shape, self.dialect.name)] = hit
+        sql, order = hit
+        if order is not None:
+            params = [tuple(p[n] for n in order) for p in params] if many else tuple(params[n] for n in order)
+        if many:
+            self.cursor.executemany(sql, params)
+        else:
+            self.cursor.execute(sql, params)
+        return self.cursor
+
+
+@contextmanager
+def tx(write=False):
+    """Yield a Tx in one transaction; write=True takes SQLite's write lock up front (BEGIN IMMEDIATE).
+
+    DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError...), like every
+    other path, so one set of error handlers serves both.
+    """
+    engine = db.engine
+    dbapi = engine.dialect.dbapi
+    conn = engine.raw_connection()
+    try:
+        cursor = conn.cursor()
+        if engine.dialect.name == "sqlite" and write:
+            cursor.execute("BEGIN IMMEDIATE")  # a lone read needs no BEGIN: it is its own snapshot
+        yield Tx(cursor, engine.dialect)
+        conn.commit()
+    except dbapi.Error as err:
+        _rollback(conn, dbapi)
+        if isinstance(err, dbapi.OperationalError) and engine.dialect.name != "sqlite":
+            conn.invalidate()  # a broken server connection must not go back to the pool
+        raise DBAPIError.instance(None, None, err, dbapi.Error) from err
+    except BaseException:
+        _rollback(conn, dbapi)
+        raise
+    finally:
+        conn.close()
+
+
+def _rollback(conn, dbapi):
+    try:
+        conn.rollback()
+    except dbapi.Error:
+        pass  # the connection is gone; closing it below is all that is left
+
+
+def insert_session(t, session):
+    """Insert a session given as a column-name dict."""
+    t.run(_shape("insert", ()), session)
+
+
+def find(t, **match):
+    """The first session matching, as a JSON-ready dict, or None."""
+    row = t.run(_shape("select", match), match).fetchone()
+    return dict(zip(SESSION_KEYS, row)) if row else None
+
+
+def listing(t, limit=None, offset=0, **match):
+    """Sessions matching, newest first; paged when limit is given."""
+    if limit is None:
+        rows = t.run(_shape("select", match), match).fetchall()
+    else:
+        rows = t.run(_shape("page", match), {**match, "limit": limit, "offset": offset}).fetchall()
+    return [dict(zip(SESSION_KEYS, row)) for row in rows]
+
+
+def count(t, **match):
+    """How many sessions match."""
+    return t.run(_shape("count", match), match).fetchone()[0]
+
+
+def set_fields(t, values, **match):
+    """Set column values on the matching sessions; return how many matched."""
+    params = {**match, **{f"new_{column}": value for column, value in values.items()}}
+    return t.run(_shape("set", match, sorted(values)), params).rowcount
+
+
+def touch(t, now, **match):
+    """Move the matching sessions' lastHeartbeatAt to now (never back); return how many matched."""
+    return t.run(_shape("touch", match), {**match, "now": now}).rowcount
+
+
+def end(t, reason, now, **match):
+    """Delete the matching sessions and record each in history; return how many ended.
+
+    DELETE ... RETURNING decides which rows this call ended: a concurrent call that deletes
+    the same row gets nothing back, so no session is recorded twice.
+    """
+    if not match:
+        raise ValueError("end() needs a filter: it never deletes every session by accident")
+    names = [column.name for column in SESSION_COLUMNS]
+    ended = t.run(_shape("end", match), match).fetchall()
+    if ended:
+        t.run(_shape("record", ()), [
+            {**dict(zip(names, row)), "ended_at": now, "end_reason": reason} for row in ended
+        ], many=True)
+    return len(ended)
+
+
+def old_history(t, cutoff):
+    """How many ended sessions are older than cutoff."""
+    return t.run(_shape("count_old", ()), {"cutoff": cutoff}).fetchone()[0]
+
+
+def prune_history(t, cutoff):
+    """Delete history older than cutoff."""
+    t.run(_shape("prune", ()), {"cutoff": cutoff})
