@@ -11,6 +11,9 @@ graceful_timeout = 10
 # No access log unless asked (ACCESS_LOG=1): runners heartbeat on every tool call. The format
 # leaves out %(u)s and headers, so no credential is ever written.
 accesslog = "-" if os.environ.get("ACCESS_LOG", "").lower() in ("1", "true") else None
+# gunicorn 27's control socket lives at one path per user: a second server would take it over
+# and stopping either would remove it. Nothing here uses it.
+control_socket_disable = True
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
