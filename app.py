@@ -133,6 +133,8 @@ def register_errors(app):
 def create_app(config=None):
     """Build the app. Does no start-up work (schema, key generation): see prepare()."""
     app = Flask(__name__, instance_path=os.environ.get("INSTANCE_PATH") or None)
+    # "//" in a path is no route (404 JSON), not Werkzeug's HTML 308 to another resource.
+    app.url_map.merge_slashes = False
     app.config.update(settings(app.instance_path))
     app.config.update(config or {})
     if not app.config["API_KEY"]:

@@ -1,6 +1,9 @@
 """Database tables, the engine set-up per backend, timestamps and the one field list per object."""
 
+import fcntl
 import json
+import os
+import threading
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,7 +31,7 @@ STATUSES = ("unassigned", "pending", "in_progress", "paused") + TERMINAL
 def stamp(moment=None):
     """Return a UTC time as YYYY-MM-DDTHH:MM:SS.mmmZ, the one shape every timestamp has."""
     moment = moment or datetime.now(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
 
 
 def new_id():
@@ -51,7 +54,9 @@ class ActiveSession(Base):
     provider_session_id: Mapped[str | None] = mapped_column(Key)
     runtime_instance_id: Mapped[str | None] = mapped_column(Key)
     started_at: Mapped[str] = mapped_column(Stamp)
-    last_heartbeat_at: Mapped[str] = mapped_column(Stamp, index=True)
+    # Deliberately not indexed: every heartbeat rewrites it, and an index page per heartbeat
+    # cost ~40% of the write; the age scans (cleanup, sweep) read a table of live sessions only.
+    last_heartbeat_at: Mapped[str] = mapped_column(Stamp)
     __table_args__ = (Index("ix_active_sessions_order", started_at.desc(), id),)
 
 
@@ -178,6 +183,38 @@ def status_log(task_id, agent_id, old, new, now, meta=None):
     )
 
 
+_turns = {}  # (pid, database path) -> (thread lock, lock file descriptor), opened after any fork
+_turns_guard = threading.Lock()
+
+
+@contextmanager
+def writer_turn(engine):
+    """Wait for this database's writer turn: threads of this process, then other processes.
+
+    SQLite's busy handler polls with sleeps of 1 ms and longer, so writers of several
+    workers contending for its lock spend most of their time asleep. A blocking flock on a
+    file beside the database hands the turn over the moment it is released. The kernel drops
+    the flock of a killed process. Other backends need no turn.
+    """
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        yield
+        return
+    key = (os.getpid(), path)
+    turn = _turns.get(key)
+    if turn is None:
+        with _turns_guard:
+            turn = _turns.get(key) or _turns.setdefault(
+                key, (threading.Lock(), os.open(path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)))
+    lock, fd = turn
+    with lock:  # flock is per open file: threads sharing the descriptor need their own lock
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 @contextmanager
 def transaction(write=False):
     """Yield a connection inside one transaction; write=True takes SQLite's write lock up front.
@@ -185,9 +222,12 @@ def transaction(write=False):
     A read followed by a write in a deferred SQLite transaction fails at once with
     "database is locked" when another writer got in between; BEGIN IMMEDIATE waits instead.
     """
-    with db.engine.connect() as conn:
-        if write:
-            conn.execution_options(immediate=True)
+    if not write:
+        with db.engine.connect() as conn, conn.begin():
+            yield conn
+        return
+    with writer_turn(db.engine), db.engine.connect() as conn:
+        conn.execution_options(immediate=True)
         with conn.begin():
             yield conn
 
@@ -233,6 +273,7 @@ def _create(*models):
 MIGRATIONS = (
     _create(ActiveSession, Task, TaskLog),  # 1: the first release
     _create(SessionHistory),  # 2: ended sessions
+    lambda conn: conn.execute(text("DROP INDEX IF EXISTS ix_active_sessions_last_heartbeat_at")),  # 3
 )
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
-from models import SESSION_COLUMNS, SESSION_KEYS, ActiveSession, SessionHistory, db
+from models import SESSION_COLUMNS, SESSION_KEYS, ActiveSession, SessionHistory, db, writer_turn
 
 S = ActiveSession.__table__
 H = SessionHistory.__table__
@@ -85,6 +85,14 @@ def tx(write=False):
     other path, so one set of error handlers serves both.
     """
     engine = db.engine
+    if write:
+        with writer_turn(engine):
+            yield from _tx(engine, write)
+    else:
+        yield from _tx(engine, write)
+
+
+def _tx(engine, write):
     dbapi = engine.dialect.dbapi
     conn = engine.raw_connection()
     try:

@@ -19,7 +19,8 @@ def sweep_once(ttl_minutes, history_days):
     moment = datetime.now(timezone.utc)
     stale = stamp(moment - timedelta(minutes=ttl_minutes))
     old = stamp(moment - timedelta(days=history_days))
-    # Indexed counts first: an idle sweep never takes the write lock.
+    # Read first (a scan of live sessions, an indexed count of history): an idle sweep never
+    # takes the write lock.
     with store.tx() as t:
         if not (store.count(t, cutoff=stale) or store.old_history(t, old)):
             return 0
