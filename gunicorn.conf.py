@@ -1,6 +1,7 @@
 """gunicorn settings: `gunicorn app:app` reads this file from the working directory."""
 
 import os
+import traceback
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '3013')}"
 # One worker per core plus one: the database serialises writes, more workers only cost memory.
@@ -18,10 +19,26 @@ access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
 def on_starting(server):
-    """Start-up work once, in the master before any worker forks: key and schema."""
-    import app as service
+    """Start-up work once, before any worker forks: key and schema.
 
-    service.prepare(service.app)
+    It runs in a short-lived child, so the master never imports the app: the master stays
+    small, and no database connection can cross into the workers.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import app as service
+
+            service.prepare(service.app)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("start-up failed (see above): the database or instance folder is not usable")
 
 
 def post_worker_init(worker):
