@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 import orjson
 from flask import Flask, current_app, request
@@ -144,6 +145,8 @@ def create_app(config=None):
     with app.app_context():
         configure_engine(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
     app.before_request(require_key)
+    if _flag(os.environ.get("START_SWEEPER")):
+        app.before_request(lambda: start_sweeper(app) and None)
     app.after_request(cors)
     app.register_blueprint(sessions.bp)
     app.register_blueprint(tasks.bp)
@@ -177,7 +180,22 @@ def register_commands(app):
 
 app = create_app()
 
-if __name__ == "__main__":
+def serve(server):
+    """python app.py [granian]: start-up work once, then serve in this process or under Granian."""
     prepare(app)
-    start_sweeper(app)
-    app.run(host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "3013")), threaded=True)
+    host, port = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "3013"))
+    if server != "granian":
+        start_sweeper(app)
+        app.run(host=host, port=port, threaded=True)
+        return
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    os.environ["START_SWEEPER"] = "1"  # Granian has no post-fork hook: workers start theirs lazily
+    workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
+    Granian("app:app", address=host, port=port, interface=Interfaces.WSGI, workers=workers,
+            respawn_failed_workers=True, log_access=_flag(os.environ.get("ACCESS_LOG"))).serve()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1] if len(sys.argv) > 1 else "werkzeug")

@@ -50,6 +50,8 @@ def start_sweeper(app):
     if not (app.config["SWEEP_INTERVAL_SECONDS"] > 0 and app.config["SESSION_TTL_MINUTES"] > 0):
         return None
     pid = os.getpid()
+    if pid in _started:  # the per-request path under servers without a post-fork hook
+        return _started[pid]
     with _lock:
         if pid in _started:
             return _started[pid]
