@@ -39,14 +39,10 @@ def new_id():
     return str(uuid.uuid4())
 
 
-class ActiveSession(Base):
-    """A runner working on something right now."""
+class SessionFields:
+    """The columns an active session and an ended one share."""
 
-    __tablename__ = "active_sessions"
-    id: Mapped[str] = mapped_column(Key, primary_key=True)
     agent_id: Mapped[str] = mapped_column(Key, index=True)
-    # UNIQUE decides duplicates: two creates racing for one taskId cannot both insert.
-    task_id: Mapped[str | None] = mapped_column(Key, unique=True)
     trigger_type: Mapped[str] = mapped_column(Text)
     inbox_message_id: Mapped[str | None] = mapped_column(Key)
     task_description: Mapped[str | None] = mapped_column(Text)
@@ -57,25 +53,28 @@ class ActiveSession(Base):
     # Deliberately not indexed: every heartbeat rewrites it, and an index page per heartbeat
     # cost ~40% of the write; the age scans (cleanup, sweep) read a table of live sessions only.
     last_heartbeat_at: Mapped[str] = mapped_column(Stamp)
-    __table_args__ = (Index("ix_active_sessions_order", started_at.desc(), id),)
 
 
-class SessionHistory(Base):
+class ActiveSession(SessionFields, Base):
+    """A runner working on something right now."""
+
+    __tablename__ = "active_sessions"
+    id: Mapped[str] = mapped_column(Key, primary_key=True)
+    # UNIQUE decides duplicates: two creates racing for one taskId cannot both insert.
+    task_id: Mapped[str | None] = mapped_column(Key, unique=True)
+
+
+# Newest first, ties by id: the listing's order, straight off the index.
+Index("ix_active_sessions_order", ActiveSession.started_at.desc(), ActiveSession.id)
+
+
+class SessionHistory(SessionFields, Base):
     """A session that ended: its 11 fields plus when and why."""
 
     __tablename__ = "session_history"
     # The ended session's own id: a session can end only once, so two sweepers cannot both record it.
     id: Mapped[str] = mapped_column(Key, primary_key=True)
-    agent_id: Mapped[str] = mapped_column(Key, index=True)
     task_id: Mapped[str | None] = mapped_column(Key, index=True)
-    trigger_type: Mapped[str] = mapped_column(Text)
-    inbox_message_id: Mapped[str | None] = mapped_column(Key)
-    task_description: Mapped[str | None] = mapped_column(Text)
-    runner_session_id: Mapped[str | None] = mapped_column(Key)
-    provider_session_id: Mapped[str | None] = mapped_column(Key)
-    runtime_instance_id: Mapped[str | None] = mapped_column(Key)
-    started_at: Mapped[str] = mapped_column(Stamp)
-    last_heartbeat_at: Mapped[str] = mapped_column(Stamp)
     ended_at: Mapped[str] = mapped_column(Stamp)
     end_reason: Mapped[str] = mapped_column(String(32))
     __table_args__ = (Index("ix_session_history_order", ended_at.desc(), id),)
