@@ -21,15 +21,19 @@ access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 def on_starting(server):
     """Start-up work once, before any worker forks: key and schema.
 
-    It runs in a short-lived child, so the master never imports the app: the master stays
-    small, and no database connection can cross into the workers.
+    It runs in a short-lived child, so no database connection can cross into the workers.
+    The master does import the app (which connects to nothing): workers fork with it loaded
+    and answer at once, instead of each spending a CPU-second on imports after every (re)start,
+    and its pages stay shared (4 workers: 67 MB PSS against 172 MB when each imported it).
     """
+    import app as service
+    from auth import ensure_key
+
+    ensure_key(service.app)  # a file, no database: here, so the forked workers hold the key
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            import app as service
-
             service.prepare(service.app)
             code = 0
         except BaseException:

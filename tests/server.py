@@ -16,7 +16,8 @@ GUNICORN = Path(sys.executable).parent / "gunicorn"
 # Variables the service reads; the parent's values never leak into a test server.
 SERVICE_ENV = ("PORT", "HOST", "WEB_CONCURRENCY", "DATABASE_URL", "AGENT_SWARM_API_KEY", "API_KEY",
                "INSTANCE_PATH", "ACCESS_LOG", "MULTI_RUNTIME_ENABLED", "MAX_BODY_BYTES",
-               "SQLITE_BUSY_TIMEOUT_MS", "GUNICORN_CMD_ARGS")
+               "SQLITE_BUSY_TIMEOUT_MS", "GUNICORN_CMD_ARGS", "SESSION_TTL_MINUTES", "SWEEP_INTERVAL_SECONDS",
+               "HISTORY_DAYS", "CORS_ORIGINS", "START_SWEEPER")
 
 
 def free_port():
@@ -37,6 +38,15 @@ def reset_postgres(url):
         engine.dispose()
 
 
+def _alive(pid):
+    """Whether a process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 class Server:
     """`gunicorn app:app` from the repository root, so it reads gunicorn.conf.py.
 
@@ -46,12 +56,12 @@ class Server:
     """
 
     def __init__(self, log_dir, database_url, key=None, workers=4, instance_path=None,
-                 name="gunicorn", start_timeout=20.0, **env):
+                 name="gunicorn", start_timeout=20.0, port=None, **env):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.instance_path = Path(instance_path or self.log_dir / "instance")
         self.key = key
-        self.port = free_port()
+        self.port = port or free_port()  # port=: a restart that clients find where they left it
         self.base = f"http://127.0.0.1:{self.port}"
         self.start_timeout = start_timeout
         self.out_path = self.log_dir / f"{name}.out"
@@ -64,14 +74,19 @@ class Server:
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc = None
 
-    def start(self):
-        """Start gunicorn and wait until /health answers; fail with its output if it never does."""
+    def start(self, wait=True):
+        """Start gunicorn and wait until /health answers; fail with its output if it never does.
+
+        wait=False returns right after the spawn, for callers that time the start themselves.
+        """
         # gunicorn 27 opens a control socket at one fixed path per user by default: a second
         # server would take it over and the first one's shutdown would remove it. Tests need none.
         cmd = [str(GUNICORN), "app:app", "--no-control-socket"]
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+        with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        if not wait:
+            return self
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -107,6 +122,38 @@ class Server:
         except ProcessLookupError:
             pass
         self.proc = None
+
+    @property
+    def master_pid(self):
+        """The gunicorn master's pid (also the process group id), or None when stopped."""
+        return self.proc.pid if self.proc is not None else None
+
+    def worker_pids(self):
+        """The pids of the master's live children: its workers."""
+        pids = set()
+        for children in Path(f"/proc/{self.master_pid}/task").glob("*/children"):
+            try:
+                pids.update(int(pid) for pid in children.read_text().split())
+            except OSError:
+                continue  # the thread or the master is gone
+        return sorted(pid for pid in pids if _alive(pid))
+
+    def kill(self):
+        """kill -9 the whole process group (master and workers) at once, as a crash would."""
+        if self.proc is None:
+            return
+        workers = self.worker_pids()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc = None
+        # Orphaned workers die on their own; wait until none can still hold the port.
+        deadline = time.monotonic() + 5
+        while workers and time.monotonic() < deadline:
+            workers = [pid for pid in workers if _alive(pid)]
+            time.sleep(0.01)
 
     def output(self):
         """Everything the server wrote so far, stdout then stderr."""
