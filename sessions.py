@@ -55,8 +55,8 @@ def list_sessions():
     match = {column: query[name] for name, column in FILTERS.items() if name in query}
     with store.tx() as t:
         if "limit" not in query and "offset" not in query:
-            return {"sessions": store.listing(t, **match)}
-        sessions = store.listing(t, query.get("limit", 1000), query.get("offset", 0), **match)
+            return {"sessions": store.listing_json(t, **match)}
+        sessions = store.listing_json(t, query.get("limit", 1000), query.get("offset", 0), **match)
         return {"sessions": sessions, "total": store.count(t, **match)}
 
 

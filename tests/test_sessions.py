@@ -177,6 +177,18 @@ def test_list_empty(api):
     assert r.json == {"sessions": []}
 
 
+# Characters JSON encoders treat differently: quotes, escapes, controls, non-BMP, separators.
+AWKWARD = "q\"b\\s/ \n\r\t\b\f \x01\x1f\x7f\x80\x9f é日 😀 \u2028\u2029 \ufeff </script> \\u0041"
+
+
+@pytest.mark.parametrize("page", ["", "?limit=10", "?agentId=%C3%A9-%F0%9F%98%80"])
+def test_list_returns_every_character_as_created(api, page):
+    """The listing is encoded by the database (json_object / json_build_object): same text as create."""
+    s = create(api, agentId="é-😀", taskId="t-é😀\\\"", taskDescription=AWKWARD, runnerSessionId="r\u2028")
+    assert s["taskDescription"] == AWKWARD
+    assert listed(api, page) == [s] == [fetch(api, s["id"])]
+
+
 def test_list_order_newest_first_ties_by_id(app, api):
     made = [create(api, taskId=f"t{i}") for i in range(5)]
     starts = ["2026-01-01T00:00:00.000Z", "2026-01-02T00:00:00.000Z", "2026-01-02T00:00:00.000Z",
