@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server import Server, reset_postgres
+from server import Server, assert_clean_log, reset_postgres, run_threads
 
 pytestmark = pytest.mark.slow
 
@@ -46,37 +46,6 @@ def backend(request, tmp_path):
     backend = Backend("postgresql", request.getfixturevalue("pg_url"))
     yield backend
     backend.reset()
-
-
-def assert_clean_log(srv):
-    """Stop the server and check its output: no traceback, no error line, no lock error."""
-    srv.stop()
-    log = srv.output()
-    for bad in ("Traceback", "[ERROR]", "[CRITICAL]", "database is locked"):
-        assert bad not in log, log[-4000:]
-    return log
-
-
-def run_threads(count, target, timeout=60):
-    """Run target(i) in count threads; return their results, re-raising the first exception."""
-    results, errors = [None] * count, []
-
-    def run(i):
-        try:
-            results[i] = target(i)
-        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout} s"
-    if errors:
-        raise errors[0]
-    return results
 
 
 # --- a. simultaneous creates for one taskId ---------------------------------------------------

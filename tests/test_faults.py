@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import create_engine, text
 
-from server import Server, reset_postgres
+from server import Server, assert_clean_log, reset_postgres, run_threads
 
 pytestmark = pytest.mark.slow
 
@@ -133,41 +133,6 @@ def fetch(port, method, path, body=None, agent=None):
         return client.call(method, path, body, agent=agent)
     finally:
         client.close()
-
-
-def run_threads(count, target, timeout):
-    """Run target(i) in count threads; return their results, re-raising the first exception."""
-    results, errors = [None] * count, []
-
-    def run(i):
-        try:
-            results[i] = target(i)
-        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout} s"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def assert_clean_log(srv, allowed=()):
-    """Stop the server and check its output: no traceback, error, lock error or 503 warning.
-
-    A line containing one of allowed is skipped (the kill test expects gunicorn's SIGKILL line).
-    """
-    srv.stop()
-    lines = [line for line in srv.output().splitlines() if not any(a in line for a in allowed)]
-    log = "\n".join(lines)
-    for bad in ("Traceback", "[ERROR]", "[CRITICAL]", "database is locked", "database unavailable"):
-        assert bad not in log, log[-4000:]
-    return srv.output()
 
 
 def when(stamp):
