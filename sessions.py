@@ -94,7 +94,7 @@ def create_session():
     for _ in range(2):  # the holder may vanish between our failed insert and the lookup
         try:
             with store.tx(write=True) as t:
-                store.insert_session(t, column_values(SESSION_FIELDS, session))
+                store.insert_session(t, session)
             return {"session": session}, 201
         except IntegrityError:  # the UNIQUE taskId decides, not a prior read
             with store.tx() as t:

@@ -9,12 +9,13 @@ from contextlib import contextmanager
 
 import orjson
 
-from sqlalchemy import Text, bindparam, case, delete, func, insert, literal_column, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, literal_column, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import FunctionElement
 
-from models import SESSION_COLUMNS, SESSION_FIELDS, SESSION_KEYS, ActiveSession, SessionHistory, db, writer_turn
+from models import (
+    SESSION_COLUMNS, SESSION_FIELDS, SESSION_KEYS, ActiveSession, SessionHistory, column_values, db, json_text,
+    listing_head, writer_turn,
+)
 
 S = ActiveSession.__table__
 H = SessionHistory.__table__
@@ -38,29 +39,12 @@ def _shape(kind, match, extra=()):
     return (kind, tuple(sorted(match)), tuple(extra))
 
 
-class row_json(FunctionElement):
-    """One row as the text of a JSON object, built by the database from (name, value) pairs.
-
-    Listing thousands of sessions was mostly Python making eleven objects per row and then
-    encoding them again; the database's JSON functions (C) hand back one string per row.
-    """
-
-    type = Text()
-    inherit_cache = True
-
-
-@compiles(row_json, "sqlite")
-def _row_json_sqlite(element, compiler, **kw):
-    return f"json_object({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(row_json, "postgresql")
-def _row_json_postgresql(element, compiler, **kw):
-    return f"json_build_object({compiler.process(element.clauses, **kw)})::text"
-
-
-# The names are our own constants (letters only), written into the SQL as literals.
-SESSION_JSON = row_json(*(part for name, column in SESSION_FIELDS for part in (literal_column(f"'{name}'"), column)))
+# A session as JSON text: its stored head, then the two fields that change after create.
+SESSION_JSON = (
+    S.c.listing_head
+    + literal_column("""',"providerSessionId":'""") + json_text(S.c.provider_session_id)
+    + literal_column("""',"lastHeartbeatAt":"'""") + S.c.last_heartbeat_at + literal_column("""'"}'""")
+)
 
 
 def _listed(columns, names, paged):
@@ -73,7 +57,8 @@ _BUILD = {
     "page_json": lambda names, _: _listed((SESSION_JSON,), names, paged=True),
     "select_json": lambda names, _: _listed((SESSION_JSON,), names, paged=False),
     "count": lambda names, _: select(func.count()).select_from(S).where(*_where(names)),
-    "insert": lambda names, _: insert(S).values({c.name: bindparam(c.name) for c in SESSION_COLUMNS}),
+    "insert": lambda names, _: insert(S).values(
+        {c.name: bindparam(c.name) for c in (*SESSION_COLUMNS, S.c.listing_head)}),
     "set": lambda names, columns: update(S).where(*_where(names)).values(
         {column: bindparam(f"new_{column}") for column in columns}),
     # Never moves time backwards, even between app servers whose clocks differ.
@@ -154,8 +139,8 @@ def _rollback(conn, dbapi):
 
 
 def insert_session(t, session):
-    """Insert a session given as a column-name dict."""
-    t.run(_shape("insert", ()), session)
+    """Insert a session given as its JSON-shaped dict."""
+    t.run(_shape("insert", ()), {**column_values(SESSION_FIELDS, session), "listing_head": listing_head(session)})
 
 
 def find(t, **match):

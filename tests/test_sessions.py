@@ -187,6 +187,14 @@ def test_list_returns_every_character_as_created(api, page):
     s = create(api, agentId="é-😀", taskId="t-é😀\\\"", taskDescription=AWKWARD, runnerSessionId="r\u2028")
     assert s["taskDescription"] == AWKWARD
     assert listed(api, page) == [s] == [fetch(api, s["id"])]
+    # The fields that change after create are encoded apart from the stored head: change both.
+    provider = "p-\"\\ é😀\u2028<script>"
+    r = api.put(f"{BASE}/provider-session/{quote(s['taskId'], safe='')}", json={"providerSessionId": provider})
+    assert r.json == {"updated": True}
+    assert api.put(f"{BASE}/heartbeat/{quote(s['taskId'], safe='')}").json == {"updated": True}
+    after = fetch(api, s["id"])
+    assert after["providerSessionId"] == provider and after["lastHeartbeatAt"] >= s["lastHeartbeatAt"]
+    assert listed(api, page) == [after]
 
 
 def test_list_order_newest_first_ties_by_id(app, api):
