@@ -236,36 +236,60 @@ def status_log(task_id, agent_id, old, new, now, meta=None):
     )
 
 
-_turns = {}  # (pid, database path) -> (thread lock, lock file descriptor), opened after any fork
+class _WriterTurn:
+    """One SQLite database's writer turn in this process: a thread lock, then a flock."""
+
+    def __init__(self, path):
+        self.lock = threading.Lock()  # flock is per open file: threads sharing the descriptor need their own lock
+        self.fd = os.open(path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self):
+        self.lock.acquire()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.lock.release()
+
+
+class _NoTurn:
+    """Other backends need no writer turn."""
+
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+_NO_TURN = _NoTurn()
+_turns = {}  # (pid, database path) -> _WriterTurn, opened after any fork
 _turns_guard = threading.Lock()
 
 
-@contextmanager
 def writer_turn(engine):
-    """Wait for this database's writer turn: threads of this process, then other processes.
+    """This database's writer turn (a context manager): threads of this process, then other processes.
 
     SQLite's busy handler polls with sleeps of 1 ms and longer, so writers of several
     workers contending for its lock spend most of their time asleep. A blocking flock on a
     file beside the database hands the turn over the moment it is released. The kernel drops
-    the flock of a killed process. Other backends need no turn.
+    the flock of a killed process.
     """
     path = engine.url.database
     if engine.dialect.name != "sqlite" or not path or path == ":memory:":
-        yield
-        return
+        return _NO_TURN
     key = (os.getpid(), path)
     turn = _turns.get(key)
     if turn is None:
         with _turns_guard:
-            turn = _turns.get(key) or _turns.setdefault(
-                key, (threading.Lock(), os.open(path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)))
-    lock, fd = turn
-    with lock:  # flock is per open file: threads sharing the descriptor need their own lock
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            turn = _turns.get(key) or _turns.setdefault(key, _WriterTurn(path))
+    return turn
 
 
 @contextmanager

@@ -5,11 +5,10 @@ per-execute machinery cost several times the database work itself. Statements ar
 written in Core (so both backends get correct SQL) and keyed by the shape of their filters.
 """
 
-from contextlib import contextmanager
+import os
 
 import orjson
-
-from sqlalchemy import bindparam, case, delete, func, insert, literal_column, select, update
+from sqlalchemy import bindparam, case, delete, event, func, insert, literal_column, select, update
 from sqlalchemy.exc import DBAPIError
 
 from models import (
@@ -95,40 +94,70 @@ class Tx:
         return self.cursor
 
 
-@contextmanager
-def tx(write=False):
-    """Yield a Tx in one transaction; write=True takes SQLite's write lock up front (BEGIN IMMEDIATE).
+class tx:
+    """with tx(write=False) as t: one transaction on a raw DBAPI cursor (t is a Tx).
 
-    DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError...), like every
-    other path, so one set of error handlers serves both.
+    write=True waits for the writer turn and takes SQLite's write lock up front (BEGIN
+    IMMEDIATE). DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError...),
+    like every other path, so one set of error handlers serves both. A class, not a
+    generator: heartbeats run through here, and each generator layer cost microseconds.
     """
-    engine = db.engine
-    if write:
-        with writer_turn(engine):
-            yield from _tx(engine, write)
-    else:
-        yield from _tx(engine, write)
 
+    __slots__ = ("write", "engine", "turn", "conn")
 
-def _tx(engine, write):
-    dbapi = engine.dialect.dbapi
-    conn = engine.raw_connection()
-    try:
-        cursor = conn.cursor()
-        if engine.dialect.name == "sqlite" and write:
-            cursor.execute("BEGIN IMMEDIATE")  # a lone read needs no BEGIN: it is its own snapshot
-        yield Tx(cursor, engine.dialect)
-        conn.commit()
-    except dbapi.Error as err:
-        _rollback(conn, dbapi)
-        if isinstance(err, dbapi.OperationalError) and engine.dialect.name != "sqlite":
-            conn.invalidate()  # a broken server connection must not go back to the pool
-        raise DBAPIError.instance(None, None, err, dbapi.Error) from err
-    except BaseException:
-        _rollback(conn, dbapi)
-        raise
-    finally:
-        conn.close()
+    def __init__(self, write=False):
+        self.write = write
+
+    def __enter__(self):
+        self.engine = engine = db.engine
+        self.turn = writer_turn(engine) if self.write else None
+        if self.turn is not None:
+            self.turn.__enter__()
+        try:
+            self.conn = _checkout(engine)
+            cursor = self.conn.cursor()
+            if self.write and engine.dialect.name == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE")  # a lone read needs no BEGIN: it is its own snapshot
+            return Tx(cursor, engine.dialect)
+        except BaseException as err:
+            self._end(err)
+            self._translate(err)
+            raise
+
+    def __exit__(self, kind, err, trace):
+        if err is None:
+            try:
+                self.conn.commit()
+            except BaseException as failed:
+                self._end(failed)
+                self._translate(failed)
+                raise
+        self._end(err)
+        if err is not None:
+            self._translate(err)
+        return False
+
+    def _translate(self, err):
+        """Raise a DBAPI error again as SQLAlchemy's; leave anything else to propagate."""
+        dbapi = self.engine.dialect.dbapi
+        if isinstance(err, dbapi.Error):
+            raise DBAPIError.instance(None, None, err, dbapi.Error) from err
+
+    def _end(self, err):
+        """Roll back after an error, give the connection back (or drop a broken one), end the turn."""
+        try:
+            conn = getattr(self, "conn", None)
+            if conn is not None:
+                dbapi, sqlite = self.engine.dialect.dbapi, self.engine.dialect.name == "sqlite"
+                if err is not None:
+                    _rollback(conn, dbapi)
+                # A broken server connection must not be used again.
+                broken = isinstance(err, dbapi.OperationalError) and not sqlite
+                _checkin(self.engine, conn, broken)
+                self.conn = None
+        finally:
+            if self.turn is not None:
+                self.turn.__exit__(None, None, None)
 
 
 def _rollback(conn, dbapi):
@@ -136,6 +165,57 @@ def _rollback(conn, dbapi):
         conn.rollback()
     except dbapi.Error:
         pass  # the connection is gone; closing it below is all that is left
+
+
+_KEEP_IDLE = 8  # idle SQLite connections a process keeps per database
+
+
+def _idle(engine):
+    """This process's idle SQLite connections of an engine; closed when the engine is disposed.
+
+    SQLAlchemy's pool checkout and checkin cost ~12 us a request, most of a heartbeat's own
+    Python time; a list per process costs nothing. The connections come from the pool (so
+    they get its connect-time PRAGMAs) and are detached from it. Keyed by pid: a forked child
+    never uses, nor closes, its parent's connections.
+    """
+    state = engine.__dict__.get("_idle_sqlite")
+    if state is None or state[0] != os.getpid():
+        state = engine.__dict__["_idle_sqlite"] = (os.getpid(), [])
+        event.listen(engine, "engine_disposed", _close_idle)
+    return state[1]
+
+
+def _close_idle(engine):
+    state = engine.__dict__.pop("_idle_sqlite", None)
+    if state is not None and state[0] == os.getpid():
+        for conn in state[1]:
+            conn.close()
+
+
+def _checkout(engine):
+    """A DBAPI connection: an idle SQLite one of this process, else one from the pool."""
+    if engine.dialect.name != "sqlite":
+        return engine.raw_connection()
+    try:
+        return _idle(engine).pop()
+    except IndexError:
+        fairy = engine.raw_connection()
+        fairy.detach()
+        return fairy.dbapi_connection
+
+
+def _checkin(engine, conn, broken=False):
+    """Give a connection back: to the idle list (SQLite) or the pool; a broken one is dropped."""
+    if engine.dialect.name != "sqlite":
+        if broken:
+            conn.invalidate()
+        conn.close()
+        return
+    idle = _idle(engine)
+    if len(idle) < _KEEP_IDLE:
+        idle.append(conn)
+    else:
+        conn.close()
 
 
 def insert_session(t, session):

@@ -403,3 +403,46 @@ def test_odd_but_valid_query_values_match_nothing(api, subtests):
             r = api.get(f"{BASE}?{query}")
             assert r.status_code == 200
             assert r.json == {"sessions": []}
+
+
+@pytest.fixture
+def busy_app(tmp_path):
+    """The service on SQLite with a 100 ms busy timeout."""
+    from conftest import make_app, wipe
+
+    app = make_app(f"sqlite:///{tmp_path / 'busy.db'}", tmp_path, SQLITE_BUSY_TIMEOUT_MS=100)
+    yield app
+    wipe(app)
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("PUT", f"{BASE}/heartbeat/task-1", None),
+    ("POST", BASE, {"agentId": "agent-2", "taskId": "task-2", "triggerType": "x"}),
+    ("DELETE", f"{BASE}/by-task/task-1", None),
+    ("POST", f"{BASE}/cleanup", {"agentId": "agent-1"}),
+    ("POST", "/api/tasks", {"task": "t"}),
+])
+def test_database_held_by_another_writer_answers_503_then_recovers(busy_app, method, path, body):
+    """A write lock held past the busy timeout: 503 with Retry-After, nothing changed, and the
+    connection that waited serves the next request once the lock is gone."""
+    import sqlite3
+
+    from conftest import Api
+
+    api = Api(busy_app.test_client())
+    assert api.post(BASE, json={"agentId": "agent-1", "taskId": "task-1", "triggerType": "x"}).status_code == 201
+    before = api.get(BASE).json
+    holder = sqlite3.connect(busy_app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///"),
+                             isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        r = api.call(method, path, json=body)
+        assert_error(r, 503)
+        assert r.headers["Retry-After"] == "1"
+        assert "locked" not in r.json["error"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert api.get(BASE).json == before
+    assert api.call(method, path, json=body).status_code in (200, 201)
+    assert api.put(f"{BASE}/heartbeat/task-1").status_code == 200
