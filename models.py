@@ -165,38 +165,19 @@ TASK_KEYS = tuple(name for name, _ in TASK_FIELDS)
 LOG_KEYS = tuple(name for name, _ in LOG_FIELDS)
 
 
-class row_json(FunctionElement):
-    """The text of a JSON object built by the database from (name, value) pairs."""
-
-    type = Text()
-    inherit_cache = True
-
-
-@compiles(row_json, "sqlite")
-def _row_json_sqlite(element, compiler, **kw):
-    return f"json_object({compiler.process(element.clauses, **kw)})"
+def _sql_function(name, doc, **templates):
+    """A SQL function whose text differs by dialect; each template gets the compiled arguments."""
+    element = type(name, (FunctionElement,), {"type": Text(), "inherit_cache": True, "__doc__": doc})
+    for dialect, template in templates.items():
+        compiles(element, dialect)(
+            lambda e, compiler, _template=template, **kw: _template.format(compiler.process(e.clauses, **kw)))
+    return element
 
 
-@compiles(row_json, "postgresql")
-def _row_json_postgresql(element, compiler, **kw):
-    return f"json_build_object({compiler.process(element.clauses, **kw)})::text"
-
-
-class json_text(FunctionElement):
-    """One value as JSON text (a quoted string, or null), computed by the database."""
-
-    type = Text()
-    inherit_cache = True
-
-
-@compiles(json_text, "sqlite")
-def _json_text_sqlite(element, compiler, **kw):
-    return f"json_quote({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(json_text, "postgresql")
-def _json_text_postgresql(element, compiler, **kw):
-    return f"coalesce(to_json({compiler.process(element.clauses, **kw)})::text, 'null')"
+row_json = _sql_function("row_json", "The text of a JSON object built by the database from (name, value) pairs.",
+                         sqlite="json_object({})", postgresql="json_build_object({})::text")
+json_text = _sql_function("json_text", "One value as JSON text (a quoted string, or null), made by the database.",
+                          sqlite="json_quote({})", postgresql="coalesce(to_json({})::text, 'null')")
 
 
 def json_pairs(fields):
