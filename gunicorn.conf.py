@@ -6,6 +6,11 @@ import traceback
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '3013')}"
 # One worker per core plus one: the database serialises writes, more workers only cost memory.
 workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
+# gunicorn's sync worker, plus a deadline for slow clients and JSON refusals of malformed HTTP.
+worker_class = "worker.Worker"
+# The longest line gunicorn allows: a list query with two filters of 256 non-ASCII characters
+# each, percent-encoded, is over 6 KB.
+limit_request_line = 8190
 # Longer than the SQLite busy timeout, so a worker waiting on the lock answers 503 before it is killed.
 timeout = 30
 graceful_timeout = 10

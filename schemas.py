@@ -3,7 +3,7 @@
 import orjson
 from flask import request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
-from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
 from models import STATUSES
 
@@ -232,9 +232,18 @@ def _is_json(mimetype):
 
 def read_json():
     """Return the parsed body, or None when there is none; raise 400/413/415 for bad ones."""
-    data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH raises 413 before reading
+    try:
+        data = request.get_data(cache=True)  # a Content-Length over MAX_CONTENT_LENGTH raises 413 before reading
+    except HTTPException:
+        raise
+    except Exception:  # the server's own error for a broken body (a bad chunk, a stalled client)
+        raise BadRequest("Request body could not be read") from None
     if not data:
         return None
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A streamed (chunked) body is cut at the limit, not refused: one that reaches it is over it.
+        raise RequestEntityTooLarge()
     if request.mimetype and not _is_json(request.mimetype):
         raise UnsupportedMediaType("Unsupported Content-Type: send application/json")
     try:
