@@ -11,7 +11,7 @@ import store
 from auth import caller_agent, check_owner
 from models import (
     HISTORY_COLUMNS, HISTORY_KEYS, SESSION_FIELDS, SESSION_KEYS, TASK_COLUMNS, TASK_KEYS, ActiveSession,
-    SessionHistory, Task, as_dicts, column_values, new_id, select_page, stamp, status_log, transaction,
+    SessionHistory, Task, as_dicts, new_id, select_page, stamp, status_log, transaction,
 )
 from schemas import (
     cleanup_schema, history_query, is_id, load_body, load_query, provider_session_schema, read_json,

@@ -12,8 +12,8 @@ from sqlalchemy import bindparam, case, delete, event, func, insert, literal_col
 from sqlalchemy.exc import DBAPIError
 
 from models import (
-    SESSION_COLUMNS, SESSION_FIELDS, SESSION_KEYS, ActiveSession, SessionHistory, column_values, db, json_text,
-    listing_head, writer_turn,
+    SESSION_CHANGING, SESSION_COLUMNS, SESSION_FIELDS, SESSION_KEYS, ActiveSession, SessionHistory, column_values,
+    db, json_text, listing_head, writer_turn,
 )
 
 S = ActiveSession.__table__
@@ -38,12 +38,16 @@ def _shape(kind, match, extra=()):
     return (kind, tuple(sorted(match)), tuple(extra))
 
 
-# A session as JSON text: its stored head, then the two fields that change after create.
-SESSION_JSON = (
-    S.c.listing_head
-    + literal_column("""',"providerSessionId":'""") + json_text(S.c.provider_session_id)
-    + literal_column("""',"lastHeartbeatAt":"'""") + S.c.last_heartbeat_at + literal_column("""'"}'""")
-)
+def _session_json():
+    """A session as JSON text: its stored head, then the fields that change after create,
+    encoded by the database (the names are our own constants, written into the SQL as literals)."""
+    expr = S.c.listing_head
+    for name, column in SESSION_CHANGING:
+        expr = expr + literal_column(f"""',"{name}":'""") + json_text(column)
+    return expr + literal_column("'}'")
+
+
+SESSION_JSON = _session_json()
 
 
 def _listed(columns, names, paged):

@@ -43,7 +43,7 @@ class Worker(SyncWorker):
 
     def accept(self, listener):
         client, addr = listener.accept()
-        # Also bounds reading the body inside the app (answered 408) and writing the answer.
+        # Also bounds reading the body inside the app (answered 400) and writing the answer.
         client.settimeout(CLIENT_TIMEOUT)
         util.close_on_exec(client)
         self.handle(listener, client, addr)
